@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -431,6 +431,50 @@ def digits_seen(G, latent, classifier, n=1000):
     return int((torch.bincount(pred, minlength=10).float() / n >= 0.02).sum())
 
 
+def make_optimisers(cfg, G, D, latent):
+    """Adam for each player; the means ride in G's optimiser at their own learning rate."""
+    opt_g = torch.optim.Adam(
+        [{"params": G.parameters()}, {"params": latent.parameters(), "lr": cfg.lr_g * cfg.means_lr}],
+        lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2),
+    )
+    return opt_g, torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
+
+
+def make_step(cfg, G, D, latent, opt_g, opt_d, device):
+    """The training step: (real batch (batch_d, 784), noise std) -> [d_loss, g_loss, mean D(x), mean D(G(z))]."""
+    bd, bg = cfg.batch_d, cfg.batch_g
+    n_fake = max(bd, bg)
+    real_target = torch.full((bd,), 1.0 - cfg.label_smooth, device=device)
+    zeros, ones = torch.zeros(bd, device=device), torch.ones(bg, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    def step(real, noise):
+        z, _ = latent.sample(n_fake)
+        with autocast:
+            fake = G(z)  # one G forward serves both updates: G does not change in between
+
+            # (1) update D: maximise log D(x) + log(1 - D(G(z))), real and fake in one batched pass
+            logits = D(torch.cat([real, fake[:bd].detach()]), noise).float()
+            d_real, d_fake = logits[:bd], logits[bd:]
+            d_loss = F.binary_cross_entropy_with_logits(d_real, real_target) + F.binary_cross_entropy_with_logits(d_fake, zeros)
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+
+        # (2) update G and the means: non-saturating, maximise log D(G(z)); D's weights need no gradient here
+        D.requires_grad_(False)
+        with autocast:
+            g_loss = F.binary_cross_entropy_with_logits(D(fake[:bg], noise).float(), ones)
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_g.step()
+        D.requires_grad_(True)
+        with torch.no_grad():
+            return torch.stack([d_loss, g_loss, torch.sigmoid(d_real).mean(), torch.sigmoid(d_fake).mean()])
+
+    return step
+
+
 def train(cfg, run_dir, resume=False, data=None, classifier=None, log=print):
     """Train one GMGAN into run_dir; returns the path of its G.pth."""
     run_dir = Path(run_dir)
@@ -448,11 +492,7 @@ def train(cfg, run_dir, resume=False, data=None, classifier=None, log=print):
 
     G, D, latent = build(cfg)
     G, D, latent = G.to(device), D.to(device), latent.to(device)
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
-    opt_g = torch.optim.Adam(
-        [{"params": G.parameters()}, {"params": latent.parameters(), "lr": cfg.lr_g * cfg.means_lr}],
-        lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2),
-    )
+    opt_g, opt_d = make_optimisers(cfg, G, D, latent)
     start = 0
     if resume and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path, "gmgan-run")
@@ -473,12 +513,8 @@ def train(cfg, run_dir, resume=False, data=None, classifier=None, log=print):
         stray.unlink()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
 
-    bd, bg = cfg.batch_d, cfg.batch_g
-    steps = len(X) // bd
-    n_fake = max(bd, bg)
-    real_target = torch.full((bd,), 1.0 - cfg.label_smooth, device=device)
-    zeros, ones = torch.zeros(bd, device=device), torch.ones(bg, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    steps = len(X) // cfg.batch_d
+    step_fn = make_step(cfg, G, D, latent, opt_g, opt_d, device)
     G.train(), D.train()
     for epoch in range(start, cfg.epochs):
         noise = cfg.d_noise_std * (max(0.0, 1 - epoch / cfg.d_noise_anneal) if cfg.d_noise_anneal else 1.0)
@@ -487,30 +523,7 @@ def train(cfg, run_dir, resume=False, data=None, classifier=None, log=print):
         sums = torch.zeros(4, device=device)  # d_loss, g_loss, D(x), D(G(z))
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
         for step in bar:
-            real = X[perm[step * bd : (step + 1) * bd]]
-            z, _ = latent.sample(n_fake)
-            with autocast:
-                fake = G(z)  # one G forward serves both updates: G does not change in between
-
-                # (1) update D: maximise log D(x) + log(1 - D(G(z)))
-                logits = D(torch.cat([real, fake[:bd].detach()]), noise).float()
-                d_real, d_fake = logits[:bd], logits[bd:]
-                d_loss = F.binary_cross_entropy_with_logits(d_real, real_target) + F.binary_cross_entropy_with_logits(d_fake, zeros)
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-
-            # (2) update G (and the means): non-saturating, maximise log D(G(z)); D's weights get no gradient
-            D.requires_grad_(False)
-            with autocast:
-                g_loss = F.binary_cross_entropy_with_logits(D(fake[:bg], noise).float(), ones)
-            opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-            opt_g.step()
-            D.requires_grad_(True)
-
-            with torch.no_grad():
-                sums += torch.stack([d_loss, g_loss, torch.sigmoid(d_real).mean(), torch.sigmoid(d_fake).mean()])
+            sums += step_fn(X[perm[step * cfg.batch_d : (step + 1) * cfg.batch_d]], noise)
             if step % 50 == 49 or step == steps - 1:
                 if not torch.isfinite(sums).all():
                     raise UserError(
@@ -523,7 +536,7 @@ def train(cfg, run_dir, resume=False, data=None, classifier=None, log=print):
         digits = digits_seen(G, latent, classifier)
         record = {
             "epoch": epoch + 1, "d_loss": d_loss_m, "g_loss": g_loss_m, "D(x)": dx, "D(G(z))": dgz,
-            "digits": digits, "seconds": seconds, "images_per_s": steps * bd / seconds,
+            "digits": digits, "seconds": seconds, "images_per_s": steps * cfg.batch_d / seconds,
         }
         rng = {"cpu": torch.get_rng_state()}
         if device.type == "cuda":
@@ -870,6 +883,356 @@ def evaluate(images, model, ref, k=3, k_dc=5, components=None, K=None):
     return score(ref, feats, preds, k, k_dc, components, K)
 
 
+
+# ----------------------------------------------------------------------------- Sweep
+
+REFERENCE_STUDY = {0.05: (0.975, 0.258), 0.1: (0.892, 0.790), 0.15: (0.756, 0.888), 0.2: (0.681, 0.864)}  # σ: (P, R), GUIDE.md
+
+
+def control(G, latent, K, model, ref, sigmas, n=10000, seed=0, log=print):
+    """One trained model sampled at several σ, each scored: the precision–recall knob without retraining."""
+    rows = []
+    for s in sigmas:
+        images, comps = sample_images(G, latent, n, sigma=s, seed=seed)
+        m = evaluate(images, model, ref, components=comps, K=K)
+        m["sigma"] = s
+        rows.append(m)
+        log(f"σ {s:<6g} FID {m['fid']:8.2f}  precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
+            f"density {m['density']:.3f}  coverage {m['coverage']:.3f}  digits {m['digits_covered']}")
+    return rows
+
+
+def write_json(obj, path):
+    """JSON written atomically: a half-written metrics file is never taken for a finished one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def sweep_runs(sweep_dir):
+    """One row per finished, scored sweep run: its name, σ (None for vanilla), seed, metrics, minutes."""
+    rows = []
+    for mpath in sorted(Path(sweep_dir).glob("*/metrics.json")):
+        run = mpath.parent
+        cfg = checkpoint_config({"config": yaml.safe_load((run / "config.yaml").read_text())}, run / "config.yaml")
+        log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+        vanilla = (cfg.K, cfg.c, cfg.sigma) == (1, 0.0, 1.0)
+        rows.append({"run": run.name, "sigma": None if vanilla else cfg.sigma, "seed": cfg.seed, "epochs": len(log),
+                     "minutes": sum(r["seconds"] for r in log) / 60, **json.loads(mpath.read_text())})
+    return rows
+
+
+REPORT_COLUMNS = ["fid", "precision", "recall", "density", "coverage", "digits_covered", "minutes"]
+
+
+def aggregate(rows):
+    """Mean and std over seeds per σ (vanilla last): [(label, σ, n_seeds, {col: (mean, std)})]."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["sigma"], []).append(r)
+    out = []
+    for sigma in sorted(groups, key=lambda s: math.inf if s is None else s):
+        g = groups[sigma]
+        stats = {c: (float(np.mean([r[c] for r in g])), float(np.std([r[c] for r in g]))) for c in REPORT_COLUMNS}
+        out.append(("vanilla N(0, I)" if sigma is None else f"σ = {sigma:g}", sigma, len(g), stats))
+    return out
+
+
+def report(sweep_dir, results, control_rows=None, floor=None, log=print):
+    """results/sweep.csv, sweep.md and the plots, from the scored runs in sweep_dir."""
+    import csv
+
+    rows = sweep_runs(sweep_dir)
+    if not rows:
+        raise UserError(f"{sweep_dir}: no scored runs (*/metrics.json) to report; run `make sweep` first")
+    results = Path(results)
+    results.mkdir(parents=True, exist_ok=True)
+    floor = floor or rows[0]["floor"]
+    with open(results / "sweep.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "sigma", "seed", "epochs", *REPORT_COLUMNS, "f1", "kl"])
+        for r in rows:
+            w.writerow([r["run"], r["sigma"] if r["sigma"] is not None else "vanilla", r["seed"], r["epochs"],
+                        *(f"{r[c]:.4f}" for c in REPORT_COLUMNS), f"{r['f1']:.4f}", f"{r['kl']:.4f}"])
+    agg = aggregate(rows)
+    fmt = lambda m, s, d: f"{m:.{d}f} ± {s:.{d}f}" if s > 0 else f"{m:.{d}f}"
+    lines = ["| latent | seeds | FID | precision | recall | density | coverage | digits | train min |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, _, n, st in agg:
+        cells = [fmt(*st["fid"], 2), *(fmt(*st[c], 3) for c in ("precision", "recall", "density", "coverage")),
+                 fmt(*st["digits_covered"], 1), fmt(*st["minutes"], 1)]
+        lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
+    lines.append(f"| real vs real (floor) | – | {floor['fid']:.2f} | {floor['precision']:.3f} | {floor['recall']:.3f} | "
+                 f"{floor['density']:.3f} | {floor['coverage']:.3f} | {floor['digits_covered']} | – |")
+    (results / "sweep.md").write_text("\n".join(lines) + "\n")
+    plot_sweep(agg, floor, results)
+    for sigma in sorted({r["sigma"] for r in rows if r["sigma"] is not None}):
+        first = min((r for r in rows if r["sigma"] == sigma), key=lambda r: r["seed"])
+        plot_components(Path(sweep_dir) / first["run"] / "G.pth", first.get("clusters") or [],
+                        results / f"sigma_{sigma:g}.png", f"trained and sampled at σ = {sigma:g}")
+    if control_rows:
+        plot_control(control_rows, floor, results / "control.png")
+    log("\n".join(lines))
+    log(f"wrote {results}/sweep.csv, sweep.md and plots")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 11, "axes.grid": True, "grid.alpha": 0.3})
+    return plt
+
+
+def plot_sweep(agg, floor, results):
+    plt = _plt()
+    mix = [(s, st) for _, s, _, st in agg if s is not None]
+    base = next((st for _, s, _, st in agg if s is None), None)
+    xs = [s for s, _ in mix]
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.errorbar(xs, [st["fid"][0] for _, st in mix], yerr=[st["fid"][1] for _, st in mix], marker="o", capsize=3,
+                label="Gaussian mixture (K = 10)")
+    if base:
+        m, sd = base["fid"]
+        ax.axhspan(m - sd - 1e-9, m + sd + 1e-9, color="tab:orange", alpha=0.25)
+        ax.axhline(m, color="tab:orange", label="vanilla N(0, I)")
+    ax.axhline(floor["fid"], color="k", ls="--", label="real vs real (floor)")
+    ax.set(xscale="log", yscale="log", xlabel="σ (training and sampling)", ylabel="FID (MNIST CNN features)",
+           title="FID vs σ (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(results / "fid.png", dpi=120)
+    plt.close(fig)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, color in (("precision", "tab:blue"), ("recall", "tab:red")):
+        a1.errorbar(xs, [st[key][0] for _, st in mix], yerr=[st[key][1] for _, st in mix], marker="o", capsize=3,
+                    color=color, label=key)
+        if base:
+            a1.axhline(base[key][0], color=color, ls=":", label=f"vanilla {key}")
+    a1.set(xscale="log", xlabel="σ (training and sampling)", ylabel="score", ylim=(0, 1.02), title="precision and recall vs σ")
+    a1.legend(fontsize=9)
+    a2.plot([st["recall"][0] for _, st in mix], [st["precision"][0] for _, st in mix], "o-", label="mixture, one run per σ")
+    for s, st in mix:
+        a2.annotate(f"σ={s:g}", (st["recall"][0], st["precision"][0]), textcoords="offset points", xytext=(4, 4), fontsize=9)
+    if base:
+        a2.plot(base["recall"][0], base["precision"][0], "s", color="tab:orange", ms=9, label="vanilla N(0, I)")
+    a2.plot(floor["recall"], floor["precision"], "*", color="k", ms=12, label="real vs real")
+    a2.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02), title="precision–recall plane")
+    a2.legend(fontsize=9, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(results / "precision_recall.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_control(rows, floor, path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 5))
+    ax.plot([r["recall"] for r in rows], [r["precision"] for r in rows], "o-", label="this kit: one model, sampling σ varied")
+    for r in rows:
+        ax.annotate(f"{r['sigma']:g}", (r["recall"], r["precision"]), textcoords="offset points", xytext=(4, 4), fontsize=9)
+    ref = sorted(REFERENCE_STUDY.items())
+    ax.plot([r for _, (p, r) in ref], [p for _, (p, r) in ref], "s--", color="tab:gray", label="reference study (σ = 0.05…0.2)")
+    for s, (p, r) in ref:
+        ax.annotate(f"{s:g}", (r, p), textcoords="offset points", xytext=(-18, -12), fontsize=9, color="tab:gray")
+    ax.plot(floor["recall"], floor["precision"], "*", color="k", ms=12, label="real vs real")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
+           title="precision–recall by sampling σ (labels: σ)")
+    ax.legend(fontsize=9, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_components(g_path, clusters, path, title):
+    """A sample grid, one row per component, each row labelled with its majority digit and purity."""
+    plt = _plt()
+    G, latent, cfg = load_generator(g_path)
+    k, eps = grid_latents(latent)
+    with torch.no_grad():
+        images = G(latent.means[k] + latent.sigma * eps).view(-1, 10, 28, 28)
+    rows = len(images)
+    canvas = images.add(1).div(2).permute(0, 2, 1, 3).reshape(rows * 28, 10 * 28).numpy()
+    fig, ax = plt.subplots(figsize=(5.2, 0.5 * rows + 0.8))
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1)
+    ax.grid(False)
+    by_k = {c["component"]: c for c in clusters}
+    labels = [f"k={i}: {by_k[i]['digit']} ({by_k[i]['purity']:.0%})" if by_k.get(i, {}).get("n") else f"k={i}"
+              for i in range(rows)] if cfg.K > 1 else [""] * rows
+    ax.set_yticks([28 * i + 14 for i in range(rows)], labels, fontsize=9)
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+
+# ----------------------------------------------------------------------------- Bench
+
+
+def layer_shapes(cfg):
+    """(in, out) of every Linear layer of G and D."""
+    G, D, _ = build(cfg)
+    return [(m.in_features, m.out_features) for net in (G, D) for m in net.modules() if isinstance(m, nn.Linear)]
+
+
+def step_flops(cfg):
+    """Matmul FLOPs of one kit step, analytically (forward 2·n·in·out, each backward product as much again)."""
+    G, D, _ = build(cfg)
+    macs = lambda net: sum(m.in_features * m.out_features for m in net.modules() if isinstance(m, nn.Linear))
+    pg, pd = macs(G), macs(D)
+    bd, bg = cfg.batch_d, cfg.batch_g
+    first_d = 784 * 1024  # D's input gradient is not needed in the D update
+    return (2 * max(bd, bg) * pg + 4 * bg * pg  # G forward; G backward (weights + inputs, for the means)
+            + 2 * 2 * bd * pd + 4 * 2 * bd * pd - 2 * 2 * bd * first_d  # D update: forward, backward
+            + 2 * bg * pd + 2 * bg * pd)  # G update through frozen D: forward, input gradients only
+
+
+def timed(fn, min_seconds=1.0, warmup=1):
+    for _ in range(warmup):
+        fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_seconds:
+        fn()
+        n += 1
+    return (time.perf_counter() - t0) / n
+
+
+def matmul_gflops(cfg, dtype, batch=128):
+    """Measured GFLOP/s of the model's layer shapes as plain matmuls (FLOP-weighted over the layers)."""
+    flops = seconds = 0.0
+    for i, o in layer_shapes(cfg):
+        a, w = torch.randn(batch, i, dtype=dtype), torch.randn(i, o, dtype=dtype)
+        seconds += timed(lambda: a @ w, 0.3)
+        flops += 2 * batch * i * o
+    return flops / seconds / 1e9
+
+
+def kit_images_per_s(cfg, X, steps):
+    torch.manual_seed(0)
+    G, D, latent = build(cfg)
+    opt_g, opt_d = make_optimisers(cfg, G, D, latent)
+    step = make_step(cfg, G, D, latent, opt_g, opt_d, torch.device("cpu"))
+    perm = torch.randperm(len(X))
+    batches = [X[perm[i * cfg.batch_d : (i + 1) * cfg.batch_d]] for i in range(steps)]
+    step(batches[0], cfg.d_noise_std)
+    t0 = time.perf_counter()
+    for real in batches:
+        step(real, cfg.d_noise_std)
+    return steps * cfg.batch_d / (time.perf_counter() - t0)
+
+
+def plain_images_per_s(cfg, root, steps):
+    """The obvious loop: DataLoader with per-sample ToTensor + Normalize, separate forwards, nothing frozen."""
+    from torchvision import transforms
+    from torchvision.datasets import MNIST
+
+    torch.manual_seed(0)
+    ds = MNIST(str(root), train=True, transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))]))
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_d, shuffle=True, drop_last=True)
+    G, D, latent = build(cfg)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
+    opt_g = torch.optim.Adam([*G.parameters(), *latent.parameters()], lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
+    bce = nn.BCEWithLogitsLoss()
+    t0 = None
+    for i, (real, _) in enumerate(loader):
+        if i == 1:
+            t0 = time.perf_counter()
+        if i == steps + 1:
+            break
+        real = real.view(len(real), -1)
+        z, _ = latent.sample(cfg.batch_d)
+        fake = G(z)
+        d_loss = bce(D(real, cfg.d_noise_std), torch.ones(len(real))) + bce(D(fake.detach(), cfg.d_noise_std), torch.zeros(len(real)))
+        opt_d.zero_grad()
+        d_loss.backward()
+        opt_d.step()
+        z, _ = latent.sample(cfg.batch_g)
+        g_loss = bce(D(G(z), cfg.d_noise_std), torch.ones(cfg.batch_g))
+        opt_g.zero_grad()
+        g_loss.backward()
+        opt_g.step()
+    return steps * cfg.batch_d / (time.perf_counter() - t0)
+
+
+def plain_metrics(real, fake, k=3, k_dc=5):
+    """The plain reference: full distance matrices per metric (scipy cdist) and scipy's sqrtm FID."""
+    from scipy import linalg
+    from scipy.spatial.distance import cdist
+
+    real, fake = np.asarray(real), np.asarray(fake)
+    s1, s2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    out = {"fid": float(((real.mean(0) - fake.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real))}
+    radius = lambda x, kk: np.sort(cdist(x, x), axis=1)[:, kk]
+    out["precision"] = float((cdist(fake, real) <= radius(real, k)[None]).any(1).mean())
+    out["recall"] = float((cdist(real, fake) <= radius(fake, k)[None]).any(1).mean())
+    out["density"] = float((cdist(fake, real) <= radius(real, k_dc)[None]).sum() / (k_dc * len(fake)))
+    out["coverage"] = float((cdist(real, fake).min(1) <= radius(real, k_dc)).mean())
+    return out
+
+
+def bench(cfg, steps=60, log=print):
+    """Training, generation and evaluation speed on this machine, each beside a plain reference."""
+    import platform
+    import tempfile
+
+    X, _ = load_mnist(train=True)
+    res = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+    res["kit_images_per_s"] = kit_images_per_s(cfg, X, steps)
+    res["kit_bf16_images_per_s"] = kit_images_per_s(replace(cfg, precision="bf16"), X, steps)
+    res["plain_images_per_s"] = plain_images_per_s(cfg, data_root(), steps)
+    res["train_speedup"] = res["kit_images_per_s"] / res["plain_images_per_s"]
+    res["flops_per_image"] = step_flops(cfg) / cfg.batch_d
+    res["matmul_gflops_fp32"] = matmul_gflops(cfg, torch.float32)
+    res["matmul_gflops_bf16"] = matmul_gflops(cfg, torch.bfloat16)
+    res["kit_gflops"] = res["kit_images_per_s"] * res["flops_per_image"] / 1e9
+    res["share_of_fp32_peak"] = res["kit_gflops"] / res["matmul_gflops_fp32"]
+    res["kit_bf16_share_of_bf16_peak"] = res["kit_bf16_images_per_s"] * res["flops_per_image"] / 1e9 / res["matmul_gflops_bf16"]
+
+    g_path = checkpoints_dir() / "G.pth"
+    G, latent, _ = load_generator(g_path) if g_path.exists() else (build(cfg)[0].eval(), build(cfg)[2], cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        images, _ = sample_images(G, latent, 10000)
+        write_pngs(images, tmp)
+        res["generate_10k_s"] = time.perf_counter() - t0
+    model = load_classifier()
+    ref = reference(model)
+    t0 = time.perf_counter()
+    feats, preds = predict(model, images)
+    kit = score(ref, feats, preds)
+    res["evaluate_10k_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plain = plain_metrics(ref["feats"].numpy(), predict(model, images)[0].numpy())
+    res["plain_evaluate_10k_s"] = time.perf_counter() - t0
+    res["evaluate_speedup"] = res["plain_evaluate_10k_s"] / res["evaluate_10k_s"]
+    res["max_metric_difference_vs_plain"] = max(abs(kit[key] - plain[key]) for key in plain)
+    rows = [
+        ("training, kit step (fp32)", f"{res['kit_images_per_s']:.0f} img/s", f"{res['train_speedup']:.2f}× plain"),
+        ("training, kit step (bf16 autocast)", f"{res['kit_bf16_images_per_s']:.0f} img/s",
+         f"{res['kit_bf16_images_per_s'] / res['plain_images_per_s']:.2f}× plain"),
+        ("training, plain reference loop", f"{res['plain_images_per_s']:.0f} img/s", "1.00×"),
+        ("matmul peak at the model's shapes", f"{res['matmul_gflops_fp32']:.0f} GFLOP/s fp32",
+         f"{res['matmul_gflops_bf16']:.0f} GFLOP/s bf16"),
+        ("kit step, matmul work", f"{res['kit_gflops']:.0f} GFLOP/s", f"{res['share_of_fp32_peak']:.0%} of fp32 peak"),
+        ("generate 10,000 PNGs", f"{res['generate_10k_s']:.2f} s", ""),
+        ("evaluate 10k vs 10k (features + metrics)", f"{res['evaluate_10k_s']:.2f} s",
+         f"{res['evaluate_speedup']:.1f}× plain ({res['plain_evaluate_10k_s']:.1f} s)"),
+    ]
+    log(res["machine"])
+    for name, a, b in rows:
+        log(f"{name:<44}{a:>22}   {b}")
+    log(f"(analytic matmul work per training image: {res['flops_per_image'] / 1e6:.1f} MFLOP; "
+        f"kit vs plain metrics differ by at most {res['max_metric_difference_vs_plain']:.2e})")
+    return res
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -931,8 +1294,7 @@ def cmd_evaluate(args):
     m.update(source=label, seconds=time.perf_counter() - t0, floor=ref["floor"])
     print_metrics(label, m)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(m, indent=1))
+        write_json(m, args.out)
         print(f"wrote {args.out}")
     return m
 
@@ -943,6 +1305,33 @@ def print_metrics(label, m):
     if m.get("clusters"):
         print("component → digit (purity): " + "  ".join(
             f"{r['component']}→{r['digit']} ({r['purity']:.0%})" for r in m["clusters"] if r["n"]))
+
+
+def cmd_control(args):
+    device = runtime(args)
+    model = load_classifier()
+    ref = reference(model)
+    G, latent, cfg = load_generator(args.checkpoint, device)
+    rows = control(G, latent, cfg.K, model, ref, args.sigmas, args.n, args.seed or 0)
+    results = Path(args.results)
+    write_json({"checkpoint": str(args.checkpoint), "trained_sigma": cfg.sigma, "rows": rows, "floor": ref["floor"]},
+               results / "control.json")
+    plot_control(rows, ref["floor"], results / "control.png")
+    print(f"wrote {results}/control.json and control.png")
+
+
+def cmd_report(args):
+    results = Path(args.results)
+    ctrl = json.loads((results / "control.json").read_text()) if (results / "control.json").exists() else {}
+    report(checkpoints_dir() / "sweep", results, ctrl.get("rows"))
+
+
+def cmd_bench(args):
+    cfg = resolve_config(config_flags(args))
+    setup(cfg)
+    res = bench(cfg, steps=args.steps)
+    write_json(res, Path(args.results) / "bench.json")
+    print(f"wrote {args.results}/bench.json")
 
 
 def build_parser():
@@ -990,6 +1379,24 @@ def build_parser():
     p.add_argument("--out", help="write the metrics as JSON here")
     add_config_flags(p, {"device", "threads", "seed"})
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("control", help="score one model at several sampling σ (no retraining)")
+    p.add_argument("--checkpoint", default=default_g)
+    p.add_argument("--sigmas", type=float, nargs="+", default=[0.02, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3])
+    p.add_argument("--n", type=int, default=10000)
+    p.add_argument("--results", default="results")
+    add_config_flags(p, {"device", "threads", "seed"})
+    p.set_defaults(func=cmd_control)
+
+    p = sub.add_parser("report", help="table and plots of the σ sweep in CHECKPOINTS_PATH/sweep/")
+    p.add_argument("--results", default="results")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="training, generation and evaluation speed vs plain references")
+    p.add_argument("--steps", type=int, default=60, help="training steps timed per loop")
+    p.add_argument("--results", default="results")
+    add_config_flags(p, {"threads", "batch_d", "batch_g"})
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
