@@ -18,6 +18,7 @@ GMGAN := CHECKPOINTS_PATH=$(CKPT) $(PYTHON) gmgan.py
 .DEFAULT_GOAL := help
 .PHONY: help bootstrap train generate classifier evaluate control sweep report bench test clean
 .DELETE_ON_ERROR:
+.SECONDARY:  # keep every run's G.pth: make would otherwise delete it as an intermediate file
 
 ## help        list the targets (this message)
 help:

@@ -74,7 +74,7 @@ class Config:
     threads: int = 0  # CPU threads for torch (0: every core available to the process)
 
 
-RUN_ONLY = {"epochs", "device", "threads", "sample_every"}  # fields a resumed run may change
+RUN_ONLY = {"epochs", "device", "threads", "sample_every", "lr_d", "lr_g"}  # fields a resumed run may change
 
 
 def _coerce(name, kind, value):
@@ -503,6 +503,8 @@ def train(cfg, run_dir, resume=False, data=None, classifier=None, log=print):
             raise config_error(f"--resume: {ckpt_path} was trained with {k}={getattr(saved, k)!r}, not {getattr(cfg, k)!r}")
         for module, key in ((G, "G"), (D, "D"), (latent, "latent"), (opt_g, "opt_g"), (opt_d, "opt_d")):
             load_state(module, ck[key], ckpt_path, key)
+        for group, lr in zip([*opt_g.param_groups, *opt_d.param_groups], [cfg.lr_g, cfg.lr_g * cfg.means_lr, cfg.lr_d]):
+            group["lr"] = lr  # a resumed run may lower its learning rates (e.g. after a non-finite loss)
         start = int(ck["epoch"])
         torch.set_rng_state(ck["rng"]["cpu"])
         if device.type == "cuda" and "cuda" in ck["rng"]:
@@ -526,10 +528,9 @@ def train(cfg, run_dir, resume=False, data=None, classifier=None, log=print):
             sums += step_fn(X[perm[step * cfg.batch_d : (step + 1) * cfg.batch_d]], noise)
             if step % 50 == 49 or step == steps - 1:
                 if not torch.isfinite(sums).all():
-                    raise UserError(
-                        f"{run_dir}: non-finite loss in epoch {epoch + 1} (step {step + 1}); stopped, "
-                        f"the last good checkpoint ({ckpt_path}) is kept — lower the learning rate"
-                    )
+                    kept = f"the last good checkpoint ({ckpt_path}, epoch {epoch}) is kept" if epoch else "nothing was saved"
+                    raise UserError(f"{run_dir}: non-finite loss in epoch {epoch + 1} (step {step + 1}); stopped, {kept}; "
+                                    "lower the learning rates (--lr_d, --lr_g) and --resume")
                 bar.set_postfix(d=f"{sums[0].item() / (step + 1):.3f}", g=f"{sums[1].item() / (step + 1):.3f}")
         seconds = time.perf_counter() - t0
         d_loss_m, g_loss_m, dx, dgz = (sums / steps).tolist()

@@ -467,3 +467,216 @@ def test_cli_errors_are_one_line(env_paths):
     (env_paths / "bad.pth").write_bytes(b"junk")
     r = run_cli("generate", "--checkpoint", str(env_paths / "bad.pth"), env=env)
     assert r.returncode == 1 and "bad.pth" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- sweep, report, control
+
+
+def make_env(tmp_path, data_root, config=""):
+    (tmp_path / "config.yaml").write_text(config)
+    return {"DATA_PATH": str(data_root), "CHECKPOINTS_PATH": str(tmp_path / "ckpt"),
+            "CONFIG_PATH": str(tmp_path / "config.yaml")}
+
+
+def run_make(*args, env, timeout=300):
+    return subprocess.run(["make", "-C", str(HERE), *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=timeout)
+
+
+SWEEP_KNOBS = lambda tmp_path: [f"CKPT={tmp_path / 'ckpt'}", f"RESULTS={tmp_path / 'results'}", "SIGMAS=0.1 0.5",
+                                "SEEDS=0", "EPOCHS=1", "N=40", "THREADS=1", f"PYTHON={sys.executable}"]
+
+
+def test_make_sweep_parses():
+    r = run_make("-n", "sweep", "SIGMAS=0.1 0.5", "SEEDS=0 1", "EPOCHS=2", env={}, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("gmgan.py train") == 6 and r.stdout.count("gmgan.py evaluate") == 6
+    assert "--K 1 --c 0 --sigma 1 --seed 1" in r.stdout and "--sigma 0.5 --seed 0" in r.stdout
+
+
+def test_sweep_and_report_produce_every_file(tmp_path, data_root):
+    env = make_env(tmp_path, data_root, "batch_d: 32\nbatch_g: 32\n")
+    r = run_make("sweep", *SWEEP_KNOBS(tmp_path), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = tmp_path / "results"
+    for name in ("sweep.csv", "sweep.md", "fid.png", "precision_recall.png", "sigma_0.1.png", "sigma_0.5.png"):
+        assert (results / name).stat().st_size > 0, name
+    md = (results / "sweep.md").read_text()
+    assert "σ = 0.1" in md and "vanilla" in md and "floor" in md
+    assert len((results / "sweep.csv").read_text().splitlines()) == 4  # header + 2 σ + vanilla
+    # sampling-time control on one of the sweep's models
+    r = run_cli("control", "--checkpoint", str(tmp_path / "ckpt/sweep/sigma_0.1_seed_0/G.pth"), "--sigmas", "0.05", "0.2",
+                "--n", "40", "--results", str(results), env=env)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((results / "control.json").read_text())["rows"]
+    assert [row["sigma"] for row in rows] == [0.05, 0.2] and (results / "control.png").exists()
+    # a second sweep has nothing left to do
+    r = run_make("sweep", *SWEEP_KNOBS(tmp_path), env=env)
+    assert r.returncode == 0 and "gmgan.py train" not in r.stdout
+
+
+# ----------------------------------------------------------------------------- faults: nothing lost, nothing let in
+
+
+def weights(path):
+    ck = torch.load(path, weights_only=True)
+    return ck["epoch"], {f"{k}.{n}": t for k in ("G", "D", "latent") for n, t in ck[k].items()}
+
+
+def test_killed_mid_training_resumes_bit_for_bit(tmp_path):
+    """SIGKILL `train` inside epochs 1, 2 and 3; each --resume ends on the uninterrupted run's weights."""
+    import random
+    import signal
+    import time
+
+    data = write_idx_mnist(tmp_path / "data", n_train=1600)
+    env = make_env(tmp_path, data, "batch_d: 16\nbatch_g: 16\nepochs: 3\nthreads: 1\nsample_every: 3\n")
+    args = [sys.executable, str(HERE / "gmgan.py"), "train"]
+    subprocess.run(args + ["--run", "straight"], env={**os.environ, **env}, check=True, capture_output=True, timeout=300)
+    want = weights(tmp_path / "ckpt" / "straight" / "ckpt.pt")
+    rng = random.Random(0)
+    for kill_in_epoch in (1, 2, 3):
+        run = tmp_path / "ckpt" / f"killed{kill_in_epoch}"
+        p = subprocess.Popen(args + ["--run", run.name], env={**os.environ, **env},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not (run / "log.jsonl").exists() or len((run / "log.jsonl").read_text().splitlines()) < kill_in_epoch - 1:
+            assert p.poll() is None, "training ended before it could be killed"
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.05, 0.4))  # somewhere inside the epoch
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        done = len((run / "log.jsonl").read_text().splitlines()) if (run / "log.jsonl").exists() else 0
+        assert done < 3, "the kill came too late to interrupt training"
+        if (run / "ckpt.pt").exists():
+            assert gmgan.load_checkpoint(run / "ckpt.pt", "gmgan-run")["epoch"] == done
+        r = run_cli("train", "--run", run.name, "--resume", env=env)
+        assert r.returncode == 0, r.stderr
+        assert not list(run.glob(".*tmp*")), "a temp file was left behind"
+        got = weights(run / "ckpt.pt")
+        assert got[0] == want[0] == 3
+        for name, tensor in want[1].items():
+            assert torch.equal(tensor, got[1][name]), (kill_in_epoch, name)
+
+
+def test_interrupted_sweep_finishes_without_redoing_work(tmp_path, data_root):
+    import signal
+    import time
+
+    env = make_env(tmp_path, data_root, "batch_d: 32\nbatch_g: 32\n")
+    knobs = SWEEP_KNOBS(tmp_path)
+    first = tmp_path / "ckpt" / "sweep" / "sigma_0.1_seed_0" / "metrics.json"
+    second = tmp_path / "ckpt" / "sweep" / "sigma_0.5_seed_0"
+    p = subprocess.Popen(["make", "-C", str(HERE), "sweep", *knobs], env={**os.environ, **env},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    while not (second / "config.yaml").exists():  # the second run has started
+        assert p.poll() is None, "sweep ended before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)  # make and its children, as a closed laptop would
+    p.wait()
+    assert first.exists() and not (tmp_path / "results" / "sweep.csv").exists()
+    stamp = first.stat().st_mtime_ns, (first.parent / "G.pth").stat().st_mtime_ns
+    r = run_make("sweep", *knobs, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "sweep/sigma_0.1_seed_0 " not in r.stdout  # the finished run was not trained again
+    assert (first.stat().st_mtime_ns, (first.parent / "G.pth").stat().st_mtime_ns) == stamp
+    assert (tmp_path / "results" / "sweep.csv").exists() and (second / "metrics.json").exists()
+
+
+def test_corrupt_checkpoint_is_not_overwritten_by_resume(tmp_path, data_root):
+    env = make_env(tmp_path, data_root, "batch_d: 32\nbatch_g: 32\nepochs: 1\nthreads: 1\n")
+    assert run_cli("train", "--run", "r", env=env).returncode == 0
+    ckpt = tmp_path / "ckpt" / "r" / "ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    damaged = ckpt.read_bytes()
+    r = run_cli("train", "--run", "r", "--resume", "--epochs", "2", env=env)
+    assert r.returncode == 1 and "ckpt.pt" in r.stderr and r.stderr.count("\n") == 1
+    assert ckpt.read_bytes() == damaged  # no silent fresh start over the user's run
+
+
+def test_overflowing_learning_rate_stops_and_keeps_the_checkpoint(tmp_path, data_root):
+    env = make_env(tmp_path, data_root, "batch_d: 32\nbatch_g: 32\nepochs: 1\nthreads: 1\n")
+    assert run_cli("train", "--run", "r", env=env).returncode == 0
+    ckpt = tmp_path / "ckpt" / "r" / "ckpt.pt"
+    before = ckpt.read_bytes()
+    r = run_cli("train", "--run", "r", "--resume", "--epochs", "3", "--lr_d", "1e30", "--lr_g", "1e30", env=env)
+    assert r.returncode == 1 and "non-finite" in r.stderr and "Traceback" not in r.stderr
+    assert ckpt.read_bytes() == before and gmgan.load_checkpoint(ckpt, "gmgan-run")["epoch"] == 1
+    r = run_cli("train", "--run", "r", "--resume", "--epochs", "2", env=env)  # lower rates: it carries on
+    assert r.returncode == 0, r.stderr
+
+
+def test_every_torch_load_is_weights_only():
+    import re
+
+    source = (HERE / "gmgan.py").read_text()
+    calls = re.findall(r"torch\.load\([^)]*\)", source)
+    assert calls and all("weights_only=True" in c for c in calls)
+
+
+def test_poisoned_reference_cache_is_not_unpickled(tmp_path, data_root, monkeypatch):
+    monkeypatch.setenv("DATA_PATH", str(data_root))
+    monkeypatch.setenv("CHECKPOINTS_PATH", str(tmp_path))
+    marker = tmp_path / "pwned"
+    torch.save({"key": "x", "payload": Payload(marker)}, tmp_path / "reference_cache.pt")
+    ref = gmgan.reference(gmgan.MnistCNN().eval(), log=lambda *a: None)  # rebuilt, not trusted
+    assert ref["feats"].shape == (64, 128) and not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "config, extra, match",
+    [("batch_d: 100000\n", [], "batch_d"), ("", ["--epochs", "-1"], "epochs"), ("K: 0\n", [], "K"),
+     ("sigma: .nan\n", [], "sigma"), ("lr_d: fast\n", [], "lr_d"), ("{{{", [], "malformed")],
+)
+def test_bad_configuration_exits_2(tmp_path, data_root, config, extra, match):
+    env = make_env(tmp_path, data_root, config)
+    r = run_cli("train", "--run", "r", *extra, env=env)
+    assert r.returncode == 2 and match in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_unreadable_config_file(tmp_path, data_root):
+    env = make_env(tmp_path, data_root)
+    env["CONFIG_PATH"] = str(tmp_path)  # a folder, not a file
+    r = run_cli("train", env=env)
+    assert r.returncode == 2 and "cannot read config" in r.stderr
+
+
+def test_bad_environment(tmp_path, data_root):
+    env = make_env(tmp_path, data_root, "epochs: 1\n")
+    (tmp_path / "empty").mkdir()
+    for data, match in (("", "DATA_PATH is not set"), (str(tmp_path / "empty"), "MNIST/raw")):
+        r = run_cli("train", "--run", "r", env={**env, "DATA_PATH": data})
+        assert r.returncode == 1 and match in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (tmp_path / "a_file").write_text("")
+    r = run_cli("train", env={**env, "CHECKPOINTS_PATH": str(tmp_path / "a_file" / "ckpt")})
+    assert r.returncode == 1 and "a_file" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    G, _, latent = gmgan.build(Config())
+    torch.save(gmgan.generator_payload(Config(), G, latent), tmp_path / "G.pth")
+    r = run_cli("generate", "--checkpoint", str(tmp_path / "G.pth"), "--n", "5", "--out", str(tmp_path / "a_file" / "s"), env=env)
+    assert r.returncode == 1 and "a_file" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_evaluation_inputs(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    with pytest.raises(UserError, match="no numbered PNGs"):
+        gmgan.read_png_folder(folder)
+    with pytest.raises(UserError, match="no such"):
+        gmgan.read_png_folder(tmp_path / "nope")
+    for i in range(8):
+        Image.fromarray(np.full((28, 28), 30 * i, np.uint8), mode="L").save(folder / f"{i}.png")
+    (folder / "grid.png").write_bytes(b"not even a png")  # not a numbered sample: ignored
+    (folder / "notes.txt").write_text("ignored")
+    assert gmgan.read_png_folder(folder).shape == (8, 784)
+    Image.fromarray(np.zeros((32, 32), np.uint8), mode="L").save(folder / "8.png")
+    with pytest.raises(UserError, match="28x28"):
+        gmgan.read_png_folder(folder)
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8), mode="RGB").save(folder / "8.png")
+    with pytest.raises(UserError, match="grayscale"):
+        gmgan.read_png_folder(folder)
+    (folder / "8.png").write_bytes(b"truncated")
+    with pytest.raises(UserError, match="unreadable"):
+        gmgan.read_png_folder(folder)
+    with pytest.raises(UserError, match="at least 6"):  # 4 images cannot give k_dc = 5 radii
+        gmgan.prdc(torch.randn(50, 3), torch.randn(4, 3))
