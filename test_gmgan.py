@@ -9,7 +9,6 @@ import os
 import struct
 import subprocess
 import sys
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -354,8 +353,9 @@ def test_prdc_equals_brute_force(n, m, dim, chunk):
     fake = torch.randn(m, dim, generator=g, dtype=torch.float64) * 1.2 + 0.3
     got = gmgan.prdc(real, fake, k=3, k_dc=5, chunk=chunk)
     want = brute_prdc(real.numpy(), fake.numpy(), 3, 5)
+    cached = gmgan.prdc(real, fake, k=3, k_dc=5, chunk=chunk, real_radii=gmgan.knn_radii(real, {3, 5}))
     for key in want:
-        assert got[key] == pytest.approx(want[key], abs=1e-12), key
+        assert got[key] == pytest.approx(want[key], abs=1e-12) and cached[key] == got[key], key
 
 
 def test_prdc_identical_and_far_apart():
