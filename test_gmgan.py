@@ -494,27 +494,6 @@ def test_make_sweep_parses():
     assert "--K 1 --c 0 --sigma 1 --seed 1" in r.stdout and "--sigma 0.5 --seed 0" in r.stdout
 
 
-def test_sweep_and_report_produce_every_file(tmp_path, data_root):
-    env = make_env(tmp_path, data_root, "batch_d: 32\nbatch_g: 32\n")
-    r = run_make("sweep", *SWEEP_KNOBS(tmp_path), env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    results = tmp_path / "results"
-    for name in ("sweep.csv", "sweep.md", "fid.png", "precision_recall.png", "sigma_0.1.png", "sigma_0.5.png"):
-        assert (results / name).stat().st_size > 0, name
-    md = (results / "sweep.md").read_text()
-    assert "σ = 0.1" in md and "vanilla" in md and "floor" in md
-    assert len((results / "sweep.csv").read_text().splitlines()) == 4  # header + 2 σ + vanilla
-    # sampling-time control on one of the sweep's models
-    r = run_cli("control", "--checkpoint", str(tmp_path / "ckpt/sweep/sigma_0.1_seed_0/G.pth"), "--sigmas", "0.05", "0.2",
-                "--n", "40", "--results", str(results), env=env)
-    assert r.returncode == 0, r.stderr
-    rows = json.loads((results / "control.json").read_text())["rows"]
-    assert [row["sigma"] for row in rows] == [0.05, 0.2] and (results / "control.png").exists()
-    # a second sweep has nothing left to do
-    r = run_make("sweep", *SWEEP_KNOBS(tmp_path), env=env)
-    assert r.returncode == 0 and "gmgan.py train" not in r.stdout
-
-
 # ----------------------------------------------------------------------------- faults: nothing lost, nothing let in
 
 
@@ -558,7 +537,8 @@ def test_killed_mid_training_resumes_bit_for_bit(tmp_path):
             assert torch.equal(tensor, got[1][name]), (kill_in_epoch, name)
 
 
-def test_interrupted_sweep_finishes_without_redoing_work(tmp_path, data_root):
+def test_interrupted_sweep_finishes_and_reports(tmp_path, data_root):
+    """Kill `make sweep` inside its second run; the rerun finishes it, redoes nothing, and writes every file."""
     import signal
     import time
 
@@ -579,7 +559,22 @@ def test_interrupted_sweep_finishes_without_redoing_work(tmp_path, data_root):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "sweep/sigma_0.1_seed_0 " not in r.stdout  # the finished run was not trained again
     assert (first.stat().st_mtime_ns, (first.parent / "G.pth").stat().st_mtime_ns) == stamp
-    assert (tmp_path / "results" / "sweep.csv").exists() and (second / "metrics.json").exists()
+
+    results = tmp_path / "results"
+    for name in ("sweep.csv", "sweep.md", "fid.png", "precision_recall.png", "sigma_0.1.png", "sigma_0.5.png"):
+        assert (results / name).stat().st_size > 0, name
+    md = (results / "sweep.md").read_text()
+    assert "σ = 0.1" in md and "vanilla" in md and "floor" in md
+    assert len((results / "sweep.csv").read_text().splitlines()) == 4  # header + 2 σ + vanilla
+    r = run_make("sweep", *knobs, env=env)
+    assert r.returncode == 0 and "gmgan.py train" not in r.stdout and "gmgan.py evaluate" not in r.stdout
+
+    # sampling-time control on one of the sweep's models
+    r = run_cli("control", "--checkpoint", str(first.parent / "G.pth"), "--sigmas", "0.05", "0.2",
+                "--n", "40", "--results", str(results), env=env)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((results / "control.json").read_text())["rows"]
+    assert [row["sigma"] for row in rows] == [0.05, 0.2] and (results / "control.png").exists()
 
 
 def test_corrupt_checkpoint_is_not_overwritten_by_resume(tmp_path, data_root):
