@@ -13,6 +13,7 @@ z = μ_k + σ·ε, k ~ Uniform{0..K-1}, ε ~ N(0, I). K = 1, c = 0, σ = 1 is th
 """
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -54,6 +55,7 @@ class Config:
     sigma: float = 0.1  # standard deviation of every component (covariance σ²I); fixed, never learned
     c: float = 0.1  # component means are initialised U(-c, c)
     means_lr: float = 1.0  # learning rate of the means as a multiple of lr_g
+    g_ema: float = 0.0  # decay of a moving average of G's weights, shipped in G.pth (0: off, ship G itself)
     g_batchnorm: bool = True  # BatchNorm after G's hidden layers, so G is blind to the latent's scale (False: plain MLP)
     d_dropout: float = 0.3  # dropout after each hidden layer of D
     d_noise_std: float = 0.01  # std of the Gaussian instance noise on D's inputs
@@ -74,7 +76,8 @@ class Config:
     threads: int = 0  # CPU threads for torch (0: every core available to the process)
 
 
-RUN_ONLY = {"epochs", "device", "threads", "sample_every", "lr_d", "lr_g"}  # fields a resumed run may change
+# fields a resumed run may change (an average switched on mid-run starts from the current weights)
+RUN_ONLY = {"epochs", "device", "threads", "sample_every", "lr_d", "lr_g", "g_ema"}
 
 
 def _coerce(name, kind, value):
@@ -103,6 +106,7 @@ def validate(cfg):
         "sigma": math.isfinite(cfg.sigma) and cfg.sigma > 0,
         "c": math.isfinite(cfg.c) and cfg.c >= 0,
         "means_lr": math.isfinite(cfg.means_lr) and cfg.means_lr >= 0,
+        "g_ema": 0 <= cfg.g_ema < 1,
         "d_dropout": 0 <= cfg.d_dropout < 1,
         "d_noise_std": math.isfinite(cfg.d_noise_std) and cfg.d_noise_std >= 0,
         "d_noise_anneal": cfg.d_noise_anneal >= 0,
@@ -431,6 +435,15 @@ def digits_seen(G, latent, classifier, n=1000):
     return int((torch.bincount(pred, minlength=10).float() / n >= 0.02).sum())
 
 
+@torch.no_grad()
+def update_ema(ema, G, decay):
+    """ema ← decay·ema + (1 − decay)·G for the weights; BatchNorm's running statistics are copied."""
+    for a, p in zip(ema.parameters(), G.parameters()):
+        a.lerp_(p, 1 - decay)
+    for a, b in zip(ema.buffers(), G.buffers()):
+        a.copy_(b)
+
+
 def make_optimisers(cfg, G, D, latent):
     """Adam for each player; the means ride in G's optimiser at their own learning rate."""
     opt_g = torch.optim.Adam(
@@ -493,6 +506,7 @@ def train(cfg, run_dir, resume=False, data=None, classifier=None, log=print):
     G, D, latent = build(cfg)
     G, D, latent = G.to(device), D.to(device), latent.to(device)
     opt_g, opt_d = make_optimisers(cfg, G, D, latent)
+    ema = copy.deepcopy(G).requires_grad_(False) if cfg.g_ema else None  # never trained, only averaged
     start = 0
     if resume and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path, "gmgan-run")
@@ -503,6 +517,10 @@ def train(cfg, run_dir, resume=False, data=None, classifier=None, log=print):
             raise config_error(f"--resume: {ckpt_path} was trained with {k}={getattr(saved, k)!r}, not {getattr(cfg, k)!r}")
         for module, key in ((G, "G"), (D, "D"), (latent, "latent"), (opt_g, "opt_g"), (opt_d, "opt_d")):
             load_state(module, ck[key], ckpt_path, key)
+        if ema is not None and "G_ema" in ck:
+            load_state(ema, ck["G_ema"], ckpt_path, "G_ema")
+        elif ema is not None:
+            ema.load_state_dict(G.state_dict())
         for group, lr in zip([*opt_g.param_groups, *opt_d.param_groups], [cfg.lr_g, cfg.lr_g * cfg.means_lr, cfg.lr_d]):
             group["lr"] = lr  # a resumed run may lower its learning rates (e.g. after a non-finite loss)
         start = int(ck["epoch"])
@@ -526,6 +544,8 @@ def train(cfg, run_dir, resume=False, data=None, classifier=None, log=print):
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
         for step in bar:
             sums += step_fn(X[perm[step * cfg.batch_d : (step + 1) * cfg.batch_d]], noise)
+            if ema is not None:
+                update_ema(ema, G, cfg.g_ema)
             if step % 50 == 49 or step == steps - 1:
                 if not torch.isfinite(sums).all():
                     kept = f"the last good checkpoint ({ckpt_path}, epoch {epoch}) is kept" if epoch else "nothing was saved"
@@ -534,7 +554,8 @@ def train(cfg, run_dir, resume=False, data=None, classifier=None, log=print):
                 bar.set_postfix(d=f"{sums[0].item() / (step + 1):.3f}", g=f"{sums[1].item() / (step + 1):.3f}")
         seconds = time.perf_counter() - t0
         d_loss_m, g_loss_m, dx, dgz = (sums / steps).tolist()
-        digits = digits_seen(G, latent, classifier)
+        shipped = ema if ema is not None else G  # what G.pth will hold, and what grids and digits show
+        digits = digits_seen(shipped, latent, classifier)
         record = {
             "epoch": epoch + 1, "d_loss": d_loss_m, "g_loss": g_loss_m, "D(x)": dx, "D(G(z))": dgz,
             "digits": digits, "seconds": seconds, "images_per_s": steps * cfg.batch_d / seconds,
@@ -545,13 +566,13 @@ def train(cfg, run_dir, resume=False, data=None, classifier=None, log=print):
         atomic_save(
             {"format": "gmgan-run", "config": asdict(cfg), "G": G.state_dict(), "D": D.state_dict(),
              "latent": latent.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-             "epoch": epoch + 1, "rng": rng},
+             "epoch": epoch + 1, "rng": rng, **({"G_ema": ema.state_dict()} if ema is not None else {})},
             ckpt_path,
         )
         with open(run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:
-            render_grid(G, latent, run_dir / f"grid_epoch{epoch + 1:03d}.png")
+            render_grid(shipped, latent, run_dir / f"grid_epoch{epoch + 1:03d}.png")
         flag = "  ← looks collapsed" if digits is not None and digits <= 3 else ""
         log(
             f"epoch {epoch + 1:3d}/{cfg.epochs}  d_loss {d_loss_m:.3f}  g_loss {g_loss_m:.3f}  D(x) {dx:.2f}  "
@@ -559,7 +580,7 @@ def train(cfg, run_dir, resume=False, data=None, classifier=None, log=print):
             f"{record['images_per_s']:.0f} img/s{flag}"
         )
     out = run_dir / "G.pth"
-    atomic_save(generator_payload(cfg, G.eval(), latent), out)
+    atomic_save(generator_payload(cfg, (ema if ema is not None else G).eval(), latent), out)
     return out
 
 

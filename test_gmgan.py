@@ -229,6 +229,20 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_data):
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
 
 
+def test_weight_average_is_shipped_and_leaves_training_alone(tmp_path, tiny_data):
+    gmgan.train(tiny_cfg(epochs=2), tmp_path / "plain", data=tiny_data, log=None)
+    gmgan.train(tiny_cfg(epochs=1, g_ema=0.9), tmp_path / "ema", data=tiny_data, log=None)
+    gmgan.train(tiny_cfg(epochs=2, g_ema=0.9), tmp_path / "ema", data=tiny_data, resume=True, log=None)
+    plain = torch.load(tmp_path / "plain" / "ckpt.pt", weights_only=True)
+    ema = torch.load(tmp_path / "ema" / "ckpt.pt", weights_only=True)
+    shipped = torch.load(tmp_path / "ema" / "G.pth", weights_only=True)["G"]
+    for name in plain["G"]:
+        assert torch.equal(plain["G"][name], ema["G"][name])  # the average never feeds back into training
+        assert torch.equal(shipped[name], ema["G_ema"][name])
+    w = "net.0.weight"
+    assert not torch.equal(ema["G_ema"][w], ema["G"][w])
+
+
 def test_existing_run_is_never_overwritten(tmp_path, tiny_data):
     gmgan.train(tiny_cfg(), tmp_path / "run", data=tiny_data, log=None)
     with pytest.raises(UserError, match="--resume"):
