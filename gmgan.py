@@ -1286,6 +1286,14 @@ def runtime(args):
     return setup(cfg)
 
 
+def check_positive(**values):
+    """Command-line numbers that must be > 0 (None: not given)."""
+    for name, v in values.items():
+        for x in v if isinstance(v, list) else [v]:
+            if x is not None and not (math.isfinite(x) and x > 0):
+                raise UserError(f"--{name} must be a positive number, got {x}", 2)
+
+
 def cmd_train(args):
     cfg = resolve_config(config_flags(args))
     run_dir = checkpoints_dir() / (args.run or default_run_name(cfg))
@@ -1296,6 +1304,7 @@ def cmd_train(args):
 
 
 def cmd_generate(args):
+    check_positive(n=args.n, sigma=args.sigma)
     device = runtime(args)
     G, latent, cfg = load_generator(args.checkpoint, device)
     t0 = time.perf_counter()
@@ -1312,6 +1321,7 @@ def cmd_classifier(args):
 
 
 def cmd_evaluate(args):
+    check_positive(n=args.n, sigma=args.sigma, k=args.k, k_dc=args.k_dc)
     device = runtime(args)
     model = load_classifier()
     ref = reference(model, args.k, args.k_dc)
@@ -1340,6 +1350,7 @@ def print_metrics(label, m):
 
 
 def cmd_control(args):
+    check_positive(n=args.n, sigmas=args.sigmas)
     device = runtime(args)
     model = load_classifier()
     ref = reference(model)

@@ -478,6 +478,8 @@ def test_cli_errors_are_one_line(env_paths):
     r = run_cli("train", env=env)
     assert r.returncode == 2 and "sigmaa" in r.stderr and "Traceback" not in r.stderr
     (env_paths / "config.yaml").write_text("")
+    r = run_cli("generate", "--sigma", "0", env=env)
+    assert r.returncode == 2 and "--sigma must be a positive number" in r.stderr
     (env_paths / "bad.pth").write_bytes(b"junk")
     r = run_cli("generate", "--checkpoint", str(env_paths / "bad.pth"), env=env)
     assert r.returncode == 1 and "bad.pth" in r.stderr and "Traceback" not in r.stderr
