@@ -261,7 +261,7 @@ def mlp(sizes, act, dropout=0.0, batchnorm=False):
 class Generator(nn.Module):
     """z (n, latent_dim) -> images (n, 784) in (-1, 1)."""
 
-    def __init__(self, latent_dim=100, batchnorm=False):
+    def __init__(self, latent_dim=100, batchnorm=True):
         super().__init__()
         self.net = mlp([latent_dim, 256, 512, 1024, 784], lambda: nn.LeakyReLU(0.2), batchnorm=batchnorm)
 
@@ -1019,7 +1019,7 @@ def plot_sweep(agg, floor, results):
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.errorbar(xs, [st["fid"][0] for _, st in mix], yerr=[st["fid"][1] for _, st in mix], marker="o", capsize=3,
-                label="Gaussian mixture (K = 10)")
+                label="Gaussian mixture")
     if base:
         m, sd = base["fid"]
         ax.axhspan(m - sd - 1e-9, m + sd + 1e-9, color="tab:orange", alpha=0.25)
@@ -1091,7 +1091,7 @@ def plot_components(g_path, clusters, path, title):
     ax.set_xticks([])
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
