@@ -7,6 +7,7 @@ N       ?= 10000
 SIGMAS  ?= 0.01 0.05 0.1 0.2 0.5 1.0
 SEEDS   ?= 0
 THREADS ?= 0
+TRAIN_FLAGS ?=
 CKPT    ?= checkpoints
 RESULTS ?= results
 
@@ -22,7 +23,7 @@ GMGAN := CHECKPOINTS_PATH=$(CKPT) $(PYTHON) gmgan.py
 
 ## help        list the targets (this message)
 help:
-	@echo "usage: make TARGET [KNOB=value ...]   knobs: SIGMA EPOCHS N SIGMAS SEEDS THREADS CKPT RESULTS PYTHON"
+	@echo "usage: make TARGET [KNOB=value ...]   knobs: SIGMA EPOCHS N SIGMAS SEEDS THREADS TRAIN_FLAGS CKPT RESULTS PYTHON"
 	@grep -E '^## ' $(MAKEFILE_LIST) | sed 's/^## /  /'
 
 ## bootstrap   create .venv from requirements.txt (once; every other target does this first)
@@ -34,7 +35,7 @@ $(VENV): requirements.txt
 
 ## train       train one model:            make train SIGMA=0.1 EPOCHS=30  (resumes if the run exists)
 train: $(VENV)
-	$(GMGAN) train --resume --sigma $(SIGMA) --epochs $(EPOCHS) --threads $(THREADS)
+	$(GMGAN) train --resume --sigma $(SIGMA) --epochs $(EPOCHS) --threads $(THREADS) $(TRAIN_FLAGS)
 
 ## generate    N PNGs from $(CKPT)/G.pth:   make generate N=10000  -> samples/
 generate: $(VENV)
@@ -68,7 +69,7 @@ latent_flags = $(if $(filter vanilla,$(word 1,$(parts))),--K 1 --c 0 --sigma 1,-
 
 # G.pth appears only when a run has finished; until then --resume continues from its last epoch
 $(SWEEP)/%/G.pth: | $(VENV)
-	$(GMGAN) train --resume --run sweep/$* $(latent_flags) --seed $(lastword $(parts)) --epochs $(EPOCHS) --threads $(THREADS)
+	$(GMGAN) train --resume --run sweep/$* $(latent_flags) --seed $(lastword $(parts)) --epochs $(EPOCHS) --threads $(THREADS) $(TRAIN_FLAGS)
 
 $(SWEEP)/%/metrics.json: $(SWEEP)/%/G.pth
 	$(GMGAN) evaluate --checkpoint $< --n $(N) --threads $(THREADS) --out $@

@@ -342,7 +342,8 @@ CKPT_KEYS = {
 
 
 def load_checkpoint(path, kind):
-    """A checkpoint dict of the given kind, loaded without unpickling code (weights_only=True)."""
+    """A checkpoint dict of the given kind (or one of a tuple of kinds), loaded without unpickling code."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file")
@@ -353,10 +354,10 @@ def load_checkpoint(path, kind):
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a loadable checkpoint (corrupt, truncated or unsafe: {reason[:160]})")
-    if not isinstance(obj, dict) or obj.get("format") != kind:
+    if not isinstance(obj, dict) or obj.get("format") not in kinds:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise UserError(f"{path}: not a {kind} checkpoint (found {found!r})")
-    missing = sorted(CKPT_KEYS[kind] - set(obj))
+        raise UserError(f"{path}: not a {' or '.join(kinds)} checkpoint (found {found!r})")
+    missing = sorted(CKPT_KEYS[obj["format"]] - set(obj))
     if missing:
         raise UserError(f"{path}: checkpoint is missing {', '.join(missing)}")
     return obj
@@ -379,8 +380,8 @@ def checkpoint_config(obj, path):
 
 
 def load_generator(path, device="cpu"):
-    """(G, mixture, config) from a G.pth, in eval mode on `device`."""
-    obj = load_checkpoint(path, "gmgan-G")
+    """(G, mixture, config) from a G.pth — or from a run's ckpt.pt, whose G is the raw, unaveraged one."""
+    obj = load_checkpoint(path, ("gmgan-G", "gmgan-run"))
     cfg = checkpoint_config(obj, path)
     G, _, latent = build(cfg)
     load_state(G, obj["G"], path, "generator")

@@ -205,6 +205,8 @@ def test_one_epoch_writes_every_run_file(tmp_path, tiny_data):
         assert math.isfinite(rec[key]), key
     G, latent, cfg = gmgan.load_generator(out)
     assert cfg == tiny_cfg() and all(torch.isfinite(p).all() for p in G.parameters())
+    raw, _, _ = gmgan.load_generator(tmp_path / "run" / "ckpt.pt")  # a run in progress can be sampled too
+    assert all(torch.equal(a, b) for a, b in zip(raw.state_dict().values(), G.state_dict().values()))
 
 
 def test_means_move_during_training(tmp_path, tiny_data):
