@@ -1042,12 +1042,14 @@ def plot_sweep(agg, floor, results):
     a1.set(xscale="log", xlabel="σ (training and sampling)", ylabel="score", ylim=(0, 1.02), title="precision and recall vs σ")
     a1.legend(fontsize=9)
     a2.plot([st["recall"][0] for _, st in mix], [st["precision"][0] for _, st in mix], "o-", label="mixture, one run per σ")
-    for s, st in mix:
-        a2.annotate(f"σ={s:g}", (st["recall"][0], st["precision"][0]), textcoords="offset points", xytext=(4, 4), fontsize=9)
+    for i, (s, st) in enumerate(mix):  # labels alternate above and below so neighbours do not collide
+        a2.annotate(f"σ={s:g}", (st["recall"][0], st["precision"][0]), textcoords="offset points",
+                    xytext=(4, 6 if i % 2 == 0 else -14), fontsize=9)
     if base:
         a2.plot(base["recall"][0], base["precision"][0], "s", color="tab:orange", ms=9, label="vanilla N(0, I)")
     a2.plot(floor["recall"], floor["precision"], "*", color="k", ms=12, label="real vs real")
-    a2.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02), title="precision–recall plane")
+    low = min([0.5] + [st["precision"][0] - 0.05 for _, st in mix])
+    a2.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(low, 1.02), title="precision–recall plane")
     a2.legend(fontsize=9, loc="lower left")
     fig.tight_layout()
     fig.savefig(results / "precision_recall.png", dpi=120)
