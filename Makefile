@@ -19,7 +19,7 @@ GMGAN := CHECKPOINTS_PATH=$(CKPT) $(PYTHON) gmgan.py
 .DEFAULT_GOAL := help
 .PHONY: help bootstrap train generate classifier evaluate control sweep report bench test clean
 .DELETE_ON_ERROR:
-.SECONDARY:  # keep every run's G.pth: make would otherwise delete it as an intermediate file
+.PRECIOUS: $(SWEEP)/%/G.pth  # a finished run's G.pth is no intermediate file to delete
 
 ## help        list the targets (this message)
 help:

@@ -152,8 +152,9 @@ def test_model_shapes_and_ranges():
     x = G(z * 100)  # far outside the usual range: tanh still bounds the output
     assert x.shape == (7, 784) and x.abs().max() <= 1
     assert D(x, noise_std=0.01).shape == (7,)
-    n_g = sum(p.numel() for p in G.parameters())
-    assert n_g == 100 * 256 + 256 + 256 * 512 + 512 + 512 * 1024 + 1024 + 1024 * 784 + 784
+    linear = 100 * 256 + 256 + 256 * 512 + 512 + 512 * 1024 + 1024 + 1024 * 784 + 784
+    assert sum(p.numel() for p in gmgan.Generator(batchnorm=False).parameters()) == linear
+    assert sum(p.numel() for p in G.parameters()) == linear + 2 * (256 + 512 + 1024)  # BatchNorm's scale and shift
 
 
 def test_discriminator_noise_only_in_training():
@@ -505,8 +506,9 @@ SWEEP_KNOBS = lambda tmp_path: [f"CKPT={tmp_path / 'ckpt'}", f"RESULTS={tmp_path
                                 "SEEDS=0", "EPOCHS=1", "N=40", "THREADS=1", f"PYTHON={sys.executable}"]
 
 
-def test_make_sweep_parses():
-    r = run_make("-n", "sweep", "SIGMAS=0.1 0.5", "SEEDS=0 1", "EPOCHS=2", env={}, timeout=30)
+def test_make_sweep_parses(tmp_path):
+    r = run_make("-n", "sweep", "SIGMAS=0.1 0.5", "SEEDS=0 1", "EPOCHS=2", f"CKPT={tmp_path}",
+                 f"RESULTS={tmp_path}", env={}, timeout=30)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("gmgan.py train") == 6 and r.stdout.count("gmgan.py evaluate") == 6
     assert "--K 1 --c 0 --sigma 1 --seed 1" in r.stdout and "--sigma 0.5 --seed 0" in r.stdout
@@ -526,7 +528,7 @@ def test_killed_mid_training_resumes_bit_for_bit(tmp_path):
     import signal
     import time
 
-    data = write_idx_mnist(tmp_path / "data", n_train=1600)
+    data = write_idx_mnist(tmp_path / "data", n_train=1200)
     env = make_env(tmp_path, data, "batch_d: 16\nbatch_g: 16\nepochs: 3\nthreads: 1\nsample_every: 3\n")
     args = [sys.executable, str(HERE / "gmgan.py"), "train"]
     subprocess.run(args + ["--run", "straight"], env={**os.environ, **env}, check=True, capture_output=True, timeout=300)
