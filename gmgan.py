@@ -135,11 +135,10 @@ def make_config(values, source="config"):
     if not isinstance(values, dict):
         raise config_error(f"{source}: expected a mapping of key: value, got {type(values).__name__}")
     fields = {f.name: f.type for f in dataclasses.fields(Config)}
-    types = {"int": int, "float": float, "str": str, "bool": bool}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise config_error(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(fields)})")
-    kw = {k: _coerce(k, types[fields[k]] if isinstance(fields[k], str) else fields[k], v) for k, v in values.items()}
+    kw = {k: _coerce(k, fields[k], v) for k, v in values.items()}
     return validate(Config(**kw))
 
 
@@ -1383,14 +1382,12 @@ def cmd_bench(args):
 def build_parser():
     parser = argparse.ArgumentParser(prog="gmgan.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    types = {"int": int, "float": float, "str": str, "bool": str}
 
     def add_config_flags(p, names=None):
         for f in dataclasses.fields(Config):
-            if names is None or f.name in names:
-                p.add_argument(f"--{f.name}", type=types.get(f.type, f.type) if isinstance(f.type, str) else f.type,
-                               default=None, metavar=f.type.upper() if isinstance(f.type, str) else None,
-                               help=f"(default {f.default})")
+            if names is None or f.name in names:  # bools arrive as text ("false") and are checked by make_config
+                p.add_argument(f"--{f.name}", type=str if f.type is bool else f.type, default=None,
+                               metavar=f.type.__name__.upper(), help=f"(default {f.default})")
 
     p = sub.add_parser("train", help="train one GMGAN into CHECKPOINTS_PATH/<run>/")
     p.add_argument("--run", help="run folder name under CHECKPOINTS_PATH (default: sigma_<σ> or vanilla)")

@@ -85,6 +85,12 @@ def test_config_precedence(tmp_path, monkeypatch):
     assert (cfg.sigma, cfg.epochs, cfg.K) == (0.2, 5, Config().K)
 
 
+@pytest.mark.parametrize("text, want", [("false", False), ("true", True), ("0", False), ("yes", True)])
+def test_bool_flags_from_the_command_line(text, want):
+    args = gmgan.build_parser().parse_args(["train", "--g_batchnorm", text])
+    assert gmgan.make_config(gmgan.config_flags(args)).g_batchnorm is want
+
+
 def test_config_empty_env_means_unset(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CONFIG_PATH", "")
