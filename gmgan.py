@@ -620,7 +620,7 @@ def write_pngs(images, out):
     pixels = to_uint8(images)
 
     def write(i):
-        Image.fromarray(pixels[i], mode="L").save(out / f"{i}.png", compress_level=1)
+        Image.fromarray(pixels[i]).save(out / f"{i}.png", compress_level=1)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(write, range(len(pixels)), chunksize=256))

@@ -686,14 +686,14 @@ def test_evaluation_inputs(tmp_path):
     with pytest.raises(UserError, match="no such"):
         gmgan.read_png_folder(tmp_path / "nope")
     for i in range(8):
-        Image.fromarray(np.full((28, 28), 30 * i, np.uint8), mode="L").save(folder / f"{i}.png")
+        Image.fromarray(np.full((28, 28), 30 * i, np.uint8)).save(folder / f"{i}.png")
     (folder / "grid.png").write_bytes(b"not even a png")  # not a numbered sample: ignored
     (folder / "notes.txt").write_text("ignored")
     assert gmgan.read_png_folder(folder).shape == (8, 784)
-    Image.fromarray(np.zeros((32, 32), np.uint8), mode="L").save(folder / "8.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(folder / "8.png")
     with pytest.raises(UserError, match="28x28"):
         gmgan.read_png_folder(folder)
-    Image.fromarray(np.zeros((28, 28, 3), np.uint8), mode="RGB").save(folder / "8.png")
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(folder / "8.png")
     with pytest.raises(UserError, match="grayscale"):
         gmgan.read_png_folder(folder)
     (folder / "8.png").write_bytes(b"truncated")
