@@ -863,8 +863,10 @@ def score(ref, feats, preds, k=3, k_dc=5, components=None, K=None):
 def reference(model, k=3, k_dc=5, log=print):
     """Test-set features and histogram, and the real-vs-real floor (10k train vs test), cached on disk."""
     path = Path(env("CHECKPOINTS_PATH", "checkpoints")) / "reference_cache.pt"
-    state = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
-    key = hashlib.sha256(b"".join(v.numpy().tobytes() for v in state.values())).hexdigest()[:16] + f"-k{k}-{k_dc}-v2"
+    raw = data_root() / "MNIST" / "raw"
+    data = [(raw / f).stat().st_size if (raw / f).exists() else 0 for f in MNIST_FILES]
+    weights = b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values())
+    key = f"{hashlib.sha256(weights).hexdigest()[:16]}-{raw.resolve()}-{data}-k{k}-{k_dc}-v2"  # stale when any changes
     if path.exists():
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
