@@ -37,26 +37,26 @@ $(VENV): requirements.txt
 train: $(VENV)
 	$(GMGAN) train --resume --sigma $(SIGMA) --epochs $(EPOCHS) --threads $(THREADS) $(TRAIN_FLAGS)
 
-## generate    N PNGs from $(CKPT)/G.pth:   make generate N=10000  -> samples/
+## generate    N PNGs from checkpoints/G.pth:   make generate N=10000  -> samples/
 generate: $(VENV)
 	$(GMGAN) generate --n $(N) --out samples
 
-## classifier  train the MNIST feature network -> $(CKPT)/mnist_cnn.pth
+## classifier  train the MNIST feature network -> checkpoints/mnist_cnn.pth
 classifier: $(VENV)
 	$(GMGAN) classifier
 
-## evaluate    score $(CKPT)/G.pth: FID, precision, recall, density, coverage, digits -> $(RESULTS)/metrics.json
+## evaluate    score checkpoints/G.pth: FID, precision, recall, density, coverage, digits -> results/metrics.json
 evaluate: $(VENV)
 	$(GMGAN) evaluate --checkpoint $(CKPT)/G.pth --n $(N) --out $(RESULTS)/metrics.json
 
-## control     one model at several sampling σ -> $(RESULTS)/control.json, control.png
+## control     one model at several sampling σ -> results/control.json, control.png
 control: $(VENV)
 	$(GMGAN) control --checkpoint $(CKPT)/G.pth --n $(N) --results $(RESULTS)
 
 ## sweep       one run per σ and seed + vanilla baseline, scored and reported:  make -j2 sweep THREADS=1
 sweep: $(RESULTS)/sweep.csv
 
-## report      table and plots from the scored sweep runs -> $(RESULTS)/
+## report      table and plots from the scored sweep runs -> results/
 report: $(VENV)
 	$(GMGAN) report --results $(RESULTS)
 
@@ -74,7 +74,7 @@ $(SWEEP)/%/G.pth: | $(VENV)
 $(SWEEP)/%/metrics.json: $(SWEEP)/%/G.pth
 	$(GMGAN) evaluate --checkpoint $< --n $(N) --threads $(THREADS) --out $@
 
-## bench       speed of training, generation and evaluation vs plain references -> $(RESULTS)/bench.json
+## bench       speed of training, generation and evaluation vs plain references -> results/bench.json
 bench: $(VENV)
 	$(GMGAN) bench --threads $(THREADS) --results $(RESULTS)
 
