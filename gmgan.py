@@ -320,18 +320,22 @@ def build(cfg):
 # ----------------------------------------------------------------------------- Checkpoints
 
 
-def atomic_save(obj, path):
-    """torch.save to a temp file in the same folder, then os.replace: a kill never leaves half a file."""
+def atomic_write(path, write):
+    """write(file) into a temp file in the same folder, then os.replace: a kill never leaves half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 CKPT_KEYS = {
@@ -536,6 +540,7 @@ def train(cfg, run_dir, resume=False, data=None, classifier=None, log=print):
 
     steps = len(X) // cfg.batch_d
     step_fn = make_step(cfg, G, D, latent, opt_g, opt_d, device)
+    shipped = ema if ema is not None else G  # what G.pth will hold, and what grids and digits show
     G.train(), D.train()
     for epoch in range(start, cfg.epochs):
         noise = cfg.d_noise_std * (max(0.0, 1 - epoch / cfg.d_noise_anneal) if cfg.d_noise_anneal else 1.0)
@@ -555,7 +560,6 @@ def train(cfg, run_dir, resume=False, data=None, classifier=None, log=print):
                 bar.set_postfix(d=f"{sums[0].item() / (step + 1):.3f}", g=f"{sums[1].item() / (step + 1):.3f}")
         seconds = time.perf_counter() - t0
         d_loss_m, g_loss_m, dx, dgz = (sums / steps).tolist()
-        shipped = ema if ema is not None else G  # what G.pth will hold, and what grids and digits show
         digits = digits_seen(shipped, latent, classifier)
         record = {
             "epoch": epoch + 1, "d_loss": d_loss_m, "g_loss": g_loss_m, "D(x)": dx, "D(G(z))": dgz,
@@ -581,7 +585,7 @@ def train(cfg, run_dir, resume=False, data=None, classifier=None, log=print):
             f"{record['images_per_s']:.0f} img/s{flag}"
         )
     out = run_dir / "G.pth"
-    atomic_save(generator_payload(cfg, (ema if ema is not None else G).eval(), latent), out)
+    atomic_save(generator_payload(cfg, shipped.eval(), latent), out)
     return out
 
 
@@ -930,11 +934,8 @@ def control(G, latent, K, model, ref, sigmas, n=10000, seed=0, log=print):
 
 def write_json(obj, path):
     """JSON written atomically: a half-written metrics file is never taken for a finished one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def sweep_runs(sweep_dir):
@@ -1106,17 +1107,15 @@ def plot_components(g_path, clusters, path, title):
 # ----------------------------------------------------------------------------- Bench
 
 
-def layer_shapes(cfg):
-    """(in, out) of every Linear layer of G and D."""
-    G, D, _ = build(cfg)
-    return [(m.in_features, m.out_features) for net in (G, D) for m in net.modules() if isinstance(m, nn.Linear)]
+def linear_shapes(net):
+    """(in, out) of every Linear layer of a network."""
+    return [(m.in_features, m.out_features) for m in net.modules() if isinstance(m, nn.Linear)]
 
 
 def step_flops(cfg):
     """Matmul FLOPs of one kit step, analytically (forward 2·n·in·out, each backward product as much again)."""
     G, D, _ = build(cfg)
-    macs = lambda net: sum(m.in_features * m.out_features for m in net.modules() if isinstance(m, nn.Linear))
-    pg, pd = macs(G), macs(D)
+    pg, pd = (sum(i * o for i, o in linear_shapes(net)) for net in (G, D))
     bd, bg = cfg.batch_d, cfg.batch_g
     first_d = 784 * 1024  # D's input gradient is not needed in the D update
     return (2 * max(bd, bg) * pg + 4 * bg * pg  # G forward; G backward (weights + inputs, for the means)
@@ -1137,7 +1136,8 @@ def timed(fn, min_seconds=1.0, warmup=1):
 def matmul_gflops(cfg, dtype, batch=128):
     """Measured GFLOP/s of the model's layer shapes as plain matmuls (FLOP-weighted over the layers)."""
     flops = seconds = 0.0
-    for i, o in layer_shapes(cfg):
+    G, D, _ = build(cfg)
+    for i, o in linear_shapes(G) + linear_shapes(D):
         a, w = torch.randn(batch, i, dtype=dtype), torch.randn(i, o, dtype=dtype)
         seconds += timed(lambda: a @ w, 0.3)
         flops += 2 * batch * i * o
